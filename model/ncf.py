@@ -112,7 +112,11 @@ class NCF(nn.Module):
             parts.append(user_gmf * item_gmf)
         if self.use_mlp:
             parts.append(self.mlp_tower(torch.relu(user_mlp + item_mlp)))
-        features = parts[0] if len(parts) == 1 else torch.cat(torch.broadcast_tensors(*parts), -1)
+        if len(parts) == 1:
+            return self.predict(parts[0]).squeeze(-1)
+        # Broadcast the leading (pair) dimensions only: the feature sizes of the branches differ.
+        leading = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
+        features = torch.cat([part.expand(*leading, part.shape[-1]) for part in parts], -1)
         return self.predict(features).squeeze(-1)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,27 @@ def reference_logits(model: NCF, users, items):
     return model.predict(torch.cat(parts, dim=1)).squeeze(1)
 
 
-@pytest.mark.parametrize("kind", ["gmf", "mlp", "neumf"])
-def test_forward_equals_the_concatenated_formulation(kind):
-    model = make(kind)
+@pytest.mark.parametrize(
+    "kind,factors,layers",
+    [
+        ("gmf", 8, (64, 32, 16, 8)),
+        ("mlp", 8, (64, 32, 16, 8)),
+        ("neumf", 8, (64, 32, 16, 8)),
+        ("neumf", 64, (32, 16)),
+    ],
+)
+def test_forward_equals_the_concatenated_formulation(kind, factors, layers):
+    model = make(kind, factors, layers)
     users, items = pairs()
     logits = model(users, items)
     assert logits.shape == (200,)
     torch.testing.assert_close(logits, reference_logits(model, users, items), atol=1e-6, rtol=1e-5)
+    # combine broadcasts: one user against many items, as serving scores a catalogue
+    user_side, item_side = model.user_side(users[:1]), model.item_side(items)
+    one_user = model.combine(*(None if t is None else t[:, None] for t in user_side), *item_side)
+    torch.testing.assert_close(
+        one_user[0], model(users[:1].expand_as(items), items), atol=1e-6, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,7 +82,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_pretrained_neumf_starts_as_the_alpha_combination():
-    gmf, mlp = make("gmf", seed=1), make("mlp", seed=2)
+    gmf, mlp = make("gmf", factors=16, seed=1), make("mlp", seed=2)
     users, items = pairs()
     for alpha in (0.5, 0.3):
         neumf = neumf_from_pretrained(gmf, mlp, alpha=alpha)

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.002, help="Adam learning rate (gmf, mlp, neumf)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lr-decay", type=float, default=1.0, help="learning rate x this every epoch")
+    p.add_argument("--l2", type=float, default=0.0, help="L2 penalty on each sample's embeddings")
     p.add_argument("--pretrain-lr", type=float, default=0.05, help="SGD learning rate of neumf-pre")
     p.add_argument(
         "--pretrain-epochs", type=int, help="epochs of neumf-pre's own training (default --epochs)"
@@ -188,6 +189,15 @@ def fit(
         start_epoch = state["epoch"] + 1
         run.log(f"resumed {name} from {checkpoint} after epoch {state['epoch']}")
 
+    if start_epoch == 1 and name == "neumf-pre":
+        # The merged model is already good; keep it as epoch 0 should fine-tuning not beat it.
+        metrics = evaluator.model_metrics(model)
+        best = {**metrics, "epoch": 0}
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        run.log(
+            f"epoch=0 HR@{args.topk}={metrics[metric_keys[0]]:.4f} NDCG@{args.topk}={metrics[metric_keys[1]]:.4f}"
+        )
+
     batch_size = max(1, args.batch_size // run.world)  # the global batch stays --batch-size
     for epoch in range(start_epoch, epochs + 1):
         if stale >= args.patience:
@@ -216,6 +226,8 @@ def fit(
             batch = slice(start, start + batch_size)
             with autocast:
                 loss = loss_fn(trained(users[batch], items[batch]).float(), labels[batch])
+            if args.l2:
+                loss = loss + args.l2 * embedding_penalty(model, users[batch], items[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -258,6 +270,17 @@ def fit(
     best_model = copy.deepcopy(model)
     best_model.load_state_dict(best_state)
     return best_model, best, history
+
+
+def embedding_penalty(model: NCF, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Mean squared norm of the embeddings each sample uses (the paper code's embedding
+    regulariser): popular rows are pulled in as often as they are trained."""
+    tables = []
+    if model.use_gmf:
+        tables += [(model.gmf_user, users), (model.gmf_item, items)]
+    if model.use_mlp:
+        tables += [(model.mlp_user, users), (model.mlp_item, items)]
+    return sum(table(index).pow(2).sum(-1).mean() for table, index in tables)
 
 
 def save_checkpoint(path: Path, **state):
