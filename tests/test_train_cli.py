@@ -40,7 +40,7 @@ def assert_one_line_error(result, *fragments):
 @pytest.fixture(scope="module")
 def demo_neumf(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "demo-neumf"
-    result = run("training.train", "--model", "neumf", "--epochs", 12, "--lr", 0.005, "--out", out)
+    result = run("training.train", "--model", "neumf", "--epochs", 12, "--out", out)
     assert result.returncode == 0, result.stderr
     return out, result.stdout
 

@@ -59,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Optimisation. Large batches keep a CPU busy; the learning rate is scaled to match.
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=0.002, help="Adam learning rate (gmf, mlp, neumf)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=0.005, help="Adam learning rate (gmf, mlp, neumf)")
     p.add_argument("--lr-decay", type=float, default=1.0, help="learning rate x this every epoch")
     p.add_argument("--l2", type=float, default=0.0, help="L2 penalty on each sample's embeddings")
     p.add_argument("--pretrain-lr", type=float, default=0.05, help="SGD learning rate of neumf-pre")
@@ -159,9 +158,9 @@ def fit(
     )
     trained = DistributedDataParallel(model) if run.world > 1 else model
     if optimizer_name == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
     loss_fn = torch.nn.BCEWithLogitsLoss()
