@@ -413,9 +413,11 @@ def main(argv=None):
         if run.sagemaker
         else Path(os.environ.get("ARTIFACT_DIR") or f"artifacts/{args.dataset}-{args.model}")
     )
+    # SageMaker syncs /opt/ml/checkpoints to S3 when the job has a checkpoint location.
+    sagemaker_checkpoints = Path(os.environ.get("NCF_OPT_ML", "/opt/ml")) / "checkpoints"
     checkpoint = (
-        Path("/opt/ml/checkpoints/ncf.ckpt")
-        if run.sagemaker and Path("/opt/ml/checkpoints").is_dir()
+        sagemaker_checkpoints / "ncf.ckpt"
+        if run.sagemaker and sagemaker_checkpoints.is_dir()
         else out.with_name(out.name + ".ckpt")
     )
     data = load_training_data(args)
