@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from model.artifact import Artifact, Catalog, load_artifact  # noqa: E402
 from model.ncf import NCF, ModelConfig  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
@@ -53,18 +53,6 @@ BATCHES = (1, 32)
 K = 10
 CATALOGUE_SIZES = (10_000, 100_000, 1_000_000)
 TARGET_MS_PER_USER, TARGET_SPEEDUP = 0.2, 3.0
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        # Other work on the machine shows in the timings: the load says how much there was.
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
 
 
 def served_threads() -> int:

@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ports import free_ports
 
 from deploy import pipeline
 from deploy.train_job import hyperparameters
@@ -59,21 +59,6 @@ def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.C
     return subprocess.run(
         ["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout, check=check
     )
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (the containers use the host's network)."""
-    rng = np.random.default_rng()
-    for _ in range(100):
-        base = int(rng.integers(20000, 60000 - count))
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
 
 
 def http_status(port: int, method: str, path: str, body=None):

@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from ports import free_ports
 
 from deploy.train_job import hyperparameters
 
@@ -44,21 +44,6 @@ def clean_env(**extra) -> dict[str, str]:
     """This environment without SageMaker's variables, plus `extra`, one thread for torch."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_"))}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive ports free on every interface."""
-    rng = np.random.default_rng()
-    for _ in range(100):
-        base = int(rng.integers(20000, 60000 - count))
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
 
 
 def serve_env(tmp_path: Path, **extra) -> tuple[dict[str, str], int, int]:
