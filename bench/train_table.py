@@ -45,10 +45,10 @@ GMF = ["--factors", "128"]
 MLP = ["--layers", "256,128,64,32"]
 MODELS = {
     "gmf": [*COMMON, *GMF, "--l2", "2e-3", "--epochs", "12"],
-    "mlp": [*COMMON, *MLP, "--l2", "1e-3", "--epochs", "12"],
-    "neumf": [*COMMON, *GMF, *MLP, "--l2", "1e-3", "--epochs", "12"],
+    "mlp": [*COMMON, *MLP, "--epochs", "12"],
+    "neumf": [*COMMON, *GMF, *MLP, "--l2", "2e-3", "--epochs", "12"],
     # GMF and MLP above, merged with alpha = 0.5, then fine-tuned with SGD
-    "neumf-pre": [*COMMON, *GMF, *MLP, "--l2", "1e-3", "--pretrain-lr", "0.01", "--epochs", "3"],
+    "neumf-pre": [*COMMON, *GMF, *MLP, "--l2", "1e-3", "--pretrain-lr", "0.01", "--epochs", "2"],
 }
 # The paper's default size, for the per-epoch speed figure.
 SPEED = {"model": "neumf", "factors": 8, "layers": [64, 32, 16, 8], "negatives": 4, "epochs": 3}
@@ -172,6 +172,11 @@ def main(argv=None):
     )
     p.add_argument("--dataset", default="ml-1m")
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="instead: NeuMF on every raw MovieLens release in NCF_DATA_DIR",
+    )
     p.add_argument(
         "--speed-only",
         action="store_true",
