@@ -217,3 +217,11 @@ def test_real_raw_releases(data_root, name, users, items):
     assert (data.num_users, data.num_items) == (users, items)
     assert len(data.test_users) == users
     assert data.item_titles[0] == "Toy Story (1995)"
+
+
+def test_every_readable_dataset_can_be_downloaded():
+    # training/data.py lists what it reads, training/download.py what it fetches: keep them one set.
+    from training import download
+    from training.data import DATASETS
+
+    assert set(DATASETS) == set(download.NAMES)
