@@ -132,6 +132,7 @@ def save_artifact(path, model: NCF, catalog: Catalog, metadata: dict) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        check_finite(state, "model")
         save_torch(state, staging / WEIGHTS_FILE)
         arrays = {
             "user_ids": catalog.user_ids,
@@ -173,6 +174,13 @@ def save_artifact(path, model: NCF, catalog: Catalog, metadata: dict) -> Path:
     return path
 
 
+def check_finite(state: dict, where: str):
+    """A NaN or infinite weight (a diverged training) would rank every item alike."""
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ArtifactError(f"{where}: non-finite (NaN or infinite) weights in {', '.join(bad)}")
+
+
 def read_metadata(path) -> dict:
     path = Path(path)
     if not path.is_dir():
@@ -204,7 +212,9 @@ def load_artifact(path, device="cpu", verify: bool = True) -> Artifact:
     try:
         config = ModelConfig(**meta["model"])
         model = NCF(config)
-        model.load_state_dict(load_torch(path / WEIGHTS_FILE))
+        state = load_torch(path / WEIGHTS_FILE)
+        check_finite(state, str(path / WEIGHTS_FILE))
+        model.load_state_dict(state)
         arrays = load_numpy(path / CATALOG_FILE)
         titles = None
         if (path / TITLES_FILE).is_file():

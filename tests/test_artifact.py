@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file as save_torch
 
 from model.artifact import ArtifactError, Catalog, load_artifact, save_artifact
 from model.ncf import NCF, ModelConfig
@@ -54,6 +55,20 @@ def test_corrupted_weights_are_refused(saved):
     (path / "model.safetensors").write_bytes(bytes(blob))
     with pytest.raises(ArtifactError, match="sha256 does not match"):
         load_artifact(path)
+
+
+def test_non_finite_weights_are_refused(saved, tmp_path):
+    path, model, data = saved
+    model.predict.bias.data.fill_(float("nan"))
+    with pytest.raises(ArtifactError, match="non-finite .* predict.bias"):
+        save_artifact(tmp_path / "nan", model, data.catalog(), {})
+    assert not (tmp_path / "nan").exists()
+    # Written by other means; verify=False skips the hashes, so only the check stops it.
+    save_torch(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors"
+    )
+    with pytest.raises(ArtifactError, match="non-finite"):
+        load_artifact(path, verify=False)
 
 
 def test_missing_file_and_bad_metadata_are_refused(saved, tmp_path):

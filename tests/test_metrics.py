@@ -23,6 +23,20 @@ def test_ties_count_against_the_target_but_its_own_duplicate_does_not():
     assert ranks_among(target, candidates, is_target).tolist() == [2, 1]
 
 
+def test_nan_scores_count_against_the_target():
+    nan = float("nan")
+    target = torch.tensor([nan, 0.5, 0.5])
+    candidates = torch.tensor([[0.9, 0.1, 0.2], [nan, 0.1, 0.2], [0.1, 0.2, 0.3]])
+    is_target = torch.tensor([[True, False, False], [False, False, False], [False] * 3])
+    assert ranks_among(target, candidates, is_target).tolist() == [2, 1, 0]
+
+
+def test_diverged_model_scores_zero_not_one():
+    data = tiny_dataset()
+    metrics = Evaluator(data, k=2).metrics(lambda u, i: torch.full((len(u),), float("nan")))
+    assert metrics == {"hr@2": 0.0, "ndcg@2": 0.0}
+
+
 def tiny_dataset():
     # 3 users, 6 items; each ranked against 3 negatives
     return Interactions(

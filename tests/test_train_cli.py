@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from model.artifact import load_artifact
+from model.ncf import neumf_from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +124,28 @@ def test_neumf_pre_trains_its_parts_then_reuses_them(tmp_path):
     assert_one_line_error(wrong, "holds a mlp model")
 
 
+def test_a_diverged_fine_tuning_keeps_the_merged_model(tmp_path):
+    out = tmp_path / "pre"
+    result = run(
+        "training.train", "--model", "neumf-pre", "--epochs", 1, "--pretrain-lr", 1e6, "--out", out
+    )
+    assert result.returncode == 0, result.stderr
+    assert "neumf-pre diverged in epoch 1 (loss nan)" in result.stdout
+    assert metrics_of(out)["best_epoch"] == 0
+    merged = load_artifact(out).model  # refuses non-finite weights
+    parts = [load_artifact(tmp_path / "pre-pretrain" / part).model for part in ("gmf", "mlp")]
+    users, items = torch.arange(20), torch.arange(20)
+    torch.testing.assert_close(
+        merged(users, items), neumf_from_pretrained(*parts, alpha=0.5)(users, items)
+    )
+
+
+def test_a_diverged_first_epoch_is_a_one_line_error(tmp_path):
+    result = run("training.train", "--model", "gmf", "--lr", 1e20, "--epochs", 1, "--out", tmp_path)
+    assert_one_line_error(result, "gmf diverged in epoch 1", "lower --lr")
+    assert not (tmp_path / "metadata.json").exists()
+
+
 def write_u_data(folder: Path, users=60, items=300, per_user=25):
     folder.mkdir(parents=True)
     lines = []
@@ -170,6 +196,7 @@ def test_sagemaker_training_contract(tmp_path):
         (["--dataset", "nope"], ["invalid choice: 'nope'"]),
         (["--model", "svd"], ["invalid choice: 'svd'"]),
         (["--epochs", "0"], ["--epochs must be at least 1"]),
+        (["--lr", "nan"], ["learning rates must be positive numbers"]),
         (["--layers", "64,x"], ["--layers"]),
         (["--dataset", "ml-100k", "--data-dir", "/nonexistent"], ["make data DATASET=ml-100k"]),
     ],

@@ -2,8 +2,10 @@
 
 The held-out item's rank is the number of its candidates scored above it. Ties count
 against it, as in the reference code (heapq.nlargest puts the earlier negatives first),
-so a constant model scores HR 0, not 1. A negative list that contains the held-out item
-itself (156 lines of the published ml-1m file) is not counted against it.
+so a constant model scores HR 0, not 1. A NaN score counts against the held-out item too
+(a diverged model scores HR 0, not 1: NaN compares false with everything). A negative list
+that contains the held-out item itself (156 lines of the published ml-1m file) is not
+counted against it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ def hit_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
 
 
 def ranks_among(target_scores, candidate_scores, candidate_is_target) -> torch.Tensor:
-    above = candidate_scores > target_scores[:, None]
-    tied = (candidate_scores == target_scores[:, None]) & ~candidate_is_target
+    target_scores = target_scores[:, None]
+    above = candidate_scores > target_scores
+    unordered = candidate_scores.isnan() | target_scores.isnan()
+    tied = ((candidate_scores == target_scores) | unordered) & ~candidate_is_target
     return (above | tied).sum(dim=1)
 
 

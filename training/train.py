@@ -16,6 +16,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -231,11 +232,23 @@ def fit(
             loss.backward()
             optimizer.step()
             total_loss += loss.detach() * len(users[batch])
+        epoch_loss = total_loss.item() / len(users)
+        if not math.isfinite(epoch_loss):
+            # Diverged: the weights are NaN from here on; the best epoch so far is kept.
+            if best_state is None:
+                raise ValueError(
+                    f"{name} diverged in epoch {epoch} (loss {epoch_loss}): lower --lr (--pretrain-lr for neumf-pre)"
+                )
+            run.log(
+                f"{name} diverged in epoch {epoch} (loss {epoch_loss}): stopped, keeping epoch "
+                f"{best['epoch']}; a lower learning rate may train further"
+            )
+            break
         metrics = evaluator.model_metrics(model)
         seconds = time.perf_counter() - started
         record = {
             "epoch": epoch,
-            "loss": total_loss.item() / len(users),
+            "loss": epoch_loss,
             **metrics,
             "seconds": seconds,
         }
@@ -405,8 +418,8 @@ def main(argv=None):
     for option in ("factors", "negatives", "epochs", "batch_size", "topk"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or args.pretrain_lr <= 0:
-        raise ValueError("learning rates must be positive")
+    if not all(0 < lr < math.inf for lr in (args.lr, args.pretrain_lr)):
+        raise ValueError("learning rates must be positive numbers")
     run = Run(args)
     out = args.out or (
         Path(os.environ["SM_MODEL_DIR"])
