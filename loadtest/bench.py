@@ -47,6 +47,7 @@ from loadtest.run import (
 )
 from loadtest.torchserve import (
     NULL_MODEL,
+    CpuMeter,
     build_null_mar,
     describe,
     private_server,
@@ -110,9 +111,13 @@ def warm_up(bench: Bench, model: str, load: Load):
 
 
 def measure(bench: Bench, model: str, load: Load, results: Path, meta: dict | None = None) -> dict:
-    """One constant load on `model` of the bench server: summary.json's figures."""
+    """One constant load on `model` of the bench server: summary.json's figures, and the
+    CPU time each part of the set-up spent per request."""
     warm_up(bench, model, load)
-    return run_load(target(bench, model), load, bench.artifact, results, meta)
+    workers = worker_pids(bench.server.management, model)
+    with CpuMeter(bench.server.pid, workers) as cpu:
+        summary = run_load(target(bench, model), load, bench.artifact, results, meta)
+    return {**summary, "cpu_ms_per_request": cpu.per_request_ms(summary["requests"])}
 
 
 def null_load(load: Load) -> Load:
@@ -174,6 +179,8 @@ def compare(args, bench: Bench) -> dict:
     print("null: ", end="")
     print_summary(null)
     ratio = round(ncf["rps"] / null["rps"], 3) if null["rps"] else None
+    for name, summary in (("ncf", ncf), ("null", null)):
+        print(f"{name} CPU ms per request: {summary['cpu_ms_per_request']}")
     result = {**context, "ncf": ncf, "null_handler": null, "ratio_to_null": ratio}
     result["targets"] = targets_met(ncf, null)
     print(f"RPS ratio to the null handler: {ratio}; targets: {result['targets']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import socket
 import subprocess
 import tempfile
@@ -90,6 +91,56 @@ def rss_mb(pids: list[int]) -> list[float]:
         except psutil.NoSuchProcess:
             pass
     return sizes
+
+
+class CpuMeter:
+    """CPU seconds spent during a load run by the frontend, the workers, Locust (a child
+    process of ours, counted once it has been waited for) and the whole machine: where the
+    cores went, per request. On a machine shared by all three this is what bounds RPS."""
+
+    def __init__(self, frontend: int, workers: list[int]):
+        self.pids = {"frontend": [frontend], "workers": list(workers)}
+
+    @staticmethod
+    def _process_seconds(pids: list[int]) -> float:
+        total = 0.0
+        for pid in pids:
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    @staticmethod
+    def _children_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    @staticmethod
+    def _machine_busy_seconds() -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def _read(self) -> dict[str, float]:
+        readings = {name: self._process_seconds(pids) for name, pids in self.pids.items()}
+        readings["locust"] = self._children_seconds()
+        readings["machine"] = self._machine_busy_seconds()
+        return readings
+
+    def __enter__(self) -> CpuMeter:
+        self.start = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._read()
+        self.seconds = {name: end[name] - self.start[name] for name in end}
+
+    def per_request_ms(self, requests: int) -> dict[str, float | None]:
+        return {
+            name: round(seconds * 1000 / requests, 3) if requests else None
+            for name, seconds in self.seconds.items()
+        }
 
 
 # ---------------------------------------------------------------------- metrics

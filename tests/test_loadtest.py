@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -14,7 +17,7 @@ import pytest
 from loadtest import report
 from loadtest.bench import outage, rss_figures
 from loadtest.run import Load, Target, locust_command
-from loadtest.torchserve import server_latency
+from loadtest.torchserve import CpuMeter, server_latency
 from loadtest.workload import (
     Mix,
     Workload,
@@ -300,3 +303,27 @@ def test_rss_figures_judge_growth_after_the_first_minute():
     assert figures["rss_start_mb"] == 260 and figures["rss_settled_mb"] == 283
     assert figures["rss_end_mb"] == 283 and figures["rss_max_mb"] == 283
     assert figures["rss_growth_pct"] == 8.85 and figures["rss_growth_after_settle_pct"] == 0
+
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+
+
+def test_cpu_meter_counts_the_workers_and_the_waited_for_locust():
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "input()\n" + BURN + "print('done', flush=True)\ninput()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with CpuMeter(os.getpid(), [worker.pid]) as cpu:
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+            assert worker.stdout.readline().strip() == "done"
+            subprocess.run([sys.executable, "-c", BURN], check=True)  # as Locust is run
+    finally:
+        worker.kill()
+        worker.wait()
+    assert cpu.seconds["workers"] >= 0.35 and cpu.seconds["locust"] >= 0.35
+    assert cpu.seconds["machine"] >= 0.7
+    per_request = cpu.per_request_ms(100)
+    assert per_request["workers"] == round(cpu.seconds["workers"] * 10, 3)
+    assert cpu.per_request_ms(0)["locust"] is None
