@@ -44,11 +44,14 @@ COMMON = [
 GMF = ["--factors", "128"]
 MLP = ["--layers", "256,128,64,32"]
 MODELS = {
-    "gmf": [*COMMON, *GMF, "--l2", "2e-3", "--epochs", "12"],
-    "mlp": [*COMMON, *MLP, "--epochs", "12"],
+    "gmf": [*COMMON, *GMF, "--l2", "4e-3", "--epochs", "12"],
+    # More negatives help the MLP (HR@10 0.689 / NDCG@10 0.418 against 0.692 / 0.410 at 8),
+    # and its share of the merged NeuMF; its best epoch is the 7th.
+    "mlp": [*COMMON, *MLP, "--negatives", "16", "--epochs", "9"],
     "neumf": [*COMMON, *GMF, *MLP, "--l2", "2e-3", "--epochs", "12"],
-    # GMF and MLP above, merged with alpha = 0.5, then fine-tuned with SGD
-    "neumf-pre": [*COMMON, *GMF, *MLP, "--l2", "1e-3", "--pretrain-lr", "0.01", "--epochs", "2"],
+    # GMF and MLP above, merged with alpha = 0.5 (epoch 0), then an epoch of SGD: more only
+    # overfits (README, Results on ml-1m).
+    "neumf-pre": [*COMMON, *GMF, *MLP, "--l2", "1e-3", "--pretrain-lr", "0.01", "--epochs", "1"],
 }
 # The paper's default size, for the per-epoch speed figure.
 SPEED = {"model": "neumf", "factors": 8, "layers": [64, 32, 16, 8], "negatives": 4, "epochs": 3}
