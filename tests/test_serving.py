@@ -242,6 +242,10 @@ def test_cold_start_gets_popular_items(served):
     ("body", "content_type", "message"),
     [
         (b'{"user_id": 1', "application/json", "not valid JSON"),
+        # TorchServe decodes application/json itself, and its decoder accepts NaN: a number
+        (b'{"user_id": NaN}', "application/json", "user_id must be an integer id, got a number"),
+        (b'{"user_id": 1, "k": Infinity}', "text/plain", "Infinity is not valid JSON"),
+        (b"\xff\xfe{}", "application/json", "request body is not UTF-8 text"),
         (b'{"user_id": 1}', None, "Content-Type: application/json"),  # a form, to TorchServe
         (b"", "application/json", "empty request"),
         ({"user_id": "1"}, "application/json", "must be an integer id"),
