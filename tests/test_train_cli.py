@@ -103,6 +103,12 @@ def test_neumf_pre_trains_its_parts_then_reuses_them(tmp_path):
         parts / "mlp" / "metadata.json"
     ).is_file()
     assert json.loads((out / "metadata.json").read_text())["name"] == "neumf-pre"
+    # --precision auto: bf16 (where the CPU has it) does not pay for GMF's one-output layer
+    precision = {
+        name: json.loads((folder / "metadata.json").read_text())["training"]["precision"]
+        for name, folder in (("gmf", parts / "gmf"), ("mlp", parts / "mlp"), ("pre", out))
+    }
+    assert precision["gmf"] == "fp32" and precision["mlp"] == precision["pre"]
     reuse = run(
         "training.train",
         "--model",
