@@ -59,30 +59,36 @@ def stage(artifact: Path, staging: Path) -> None:
             shutil.copy2(artifact / name, staging / ARTIFACT_DIR / name)
 
 
-def build(artifact: Path, out: Path, model_config: Path = MODEL_CONFIG) -> Path:
-    """Write out/ncf.mar from `artifact` (replacing an older one) and return its path."""
-    # Load it fully (hashes checked) so that a broken artifact fails here, not in a worker.
-    version = load_artifact(artifact).version
+def run_archiver(
+    name: str, version: str, handler: Path, model_config: Path, out: Path, extra: Path | None = None
+) -> Path:
+    """torch-model-archiver: out/<name>.mar (replacing an older one); returns its path."""
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ncf-mar-") as tmp:
-        staging = Path(tmp) / "files"
-        stage(artifact, staging)
+    with tempfile.TemporaryDirectory(prefix=f"{name}-mar-") as scratch:
         # The archiver assembles the archive in $TMPDIR/<model name> and deletes whatever is
         # there first: a private TMPDIR keeps concurrent builds from clobbering each other.
-        scratch = Path(tmp) / "scratch"
-        scratch.mkdir()
         command = [
             archiver(),
-            "--model-name", MODEL_NAME,
+            "--model-name", name,
             "--version", version,
-            "--handler", str(HANDLER),
-            "--extra-files", str(staging),
+            "--handler", str(handler),
             "--config-file", str(model_config),
             "--export-path", str(out),
             "--force",
         ]  # fmt: skip
-        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": str(scratch)})
-    return out / f"{MODEL_NAME}.mar"
+        if extra is not None:
+            command += ["--extra-files", str(extra)]
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": scratch})
+    return out / f"{name}.mar"
+
+
+def build(artifact: Path, out: Path, model_config: Path = MODEL_CONFIG) -> Path:
+    """Write out/ncf.mar from `artifact` (replacing an older one) and return its path."""
+    # Load it fully (hashes checked) so that a broken artifact fails here, not in a worker.
+    version = load_artifact(artifact).version
+    with tempfile.TemporaryDirectory(prefix="ncf-files-") as staging:
+        stage(artifact, Path(staging))
+        return run_archiver(MODEL_NAME, version, HANDLER, model_config, out, Path(staging))
 
 
 def main(argv=None) -> int:

@@ -216,16 +216,31 @@ def http(method: str, url: str, body: Mapping | None = None, timeout: float = 10
         return status, text
 
 
+def readiness_problem(management: str, model: str) -> str | None:
+    """None when every worker of `model` is READY, else a sentence for the user."""
+    try:
+        status, described = http("GET", f"{management}/models/{model}", timeout=5)
+    except OSError as error:
+        return (
+            f"cannot reach TorchServe's management API at {management} ({error}); "
+            "is it running (`make serve`), and is that its address?"
+        )
+    if status == 404:
+        return f"TorchServe at {management} does not serve a model named {model!r}"
+    if status != 200 or not isinstance(described, list) or not described:
+        return f"{management}/models/{model} answered {status}: {described}"
+    workers = described[0].get("workers") or []
+    if not workers:
+        return f"model {model!r} has no workers"
+    waiting = [f"{w.get('id')}={w.get('status')}" for w in workers if w.get("status") != "READY"]
+    if waiting:
+        return f"model {model!r} has workers that are not READY: {', '.join(waiting)}"
+    return None
+
+
 def model_ready(server: Server) -> bool:
     """True once every worker of the model is READY (/ping is healthy before that)."""
-    try:
-        status, described = http("GET", f"{server.management}/models/{MODEL}", timeout=2)
-    except OSError:
-        return False
-    if status != 200 or not isinstance(described, list) or not described:
-        return False
-    workers = described[0].get("workers") or []
-    return bool(workers) and all(w.get("status") == "READY" for w in workers)
+    return readiness_problem(server.management, MODEL) is None
 
 
 # ---------------------------------------------------------------------- start / stop

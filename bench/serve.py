@@ -44,6 +44,7 @@ from bench.machine import machine  # noqa: E402
 from model.artifact import Artifact, Catalog, load_artifact  # noqa: E402
 from model.ncf import NCF, ModelConfig  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
+from training.cli import one_line_errors  # noqa: E402
 from training.data import data_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,13 +77,12 @@ def synthetic_artifact(num_users: int, num_items: int, seen_per_user: int = 50) 
 
 def ml1m_artifact(given: Path | None) -> tuple[Artifact, str]:
     """(artifact, where it came from) for the ml-1m comparison."""
-    candidates = [given] if given else [ROOT / "artifacts" / "ml-1m-neumf-pre"]
+    if given:  # what was asked for, or an error: never another model
+        return load_artifact(given), str(given)
     quick = ROOT / "artifacts" / "bench-ml-1m-neumf"
-    for path in [*candidates, quick]:
-        if path and (path / "metadata.json").is_file():
+    for path in (ROOT / "artifacts" / "ml-1m-neumf-pre", quick):
+        if (path / "metadata.json").is_file():
             return load_artifact(path), str(path)
-    if given:
-        raise SystemExit(f"bench.serve: no artifact at {given}")
     if (data_dir() / "ml-1m").is_dir():
         command = [sys.executable, "-m", "training.train", "--dataset", "ml-1m", "--model",
                    "neumf", "--epochs", "3", "--quiet", "--out", str(quick)]  # fmt: skip
@@ -245,6 +245,7 @@ def plot(result: dict, path: Path):
     fig.savefig(path, dpi=120)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

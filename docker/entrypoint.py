@@ -33,9 +33,12 @@ import yaml
 from health_gate import GateServer, Readiness, Upstream, log
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # in the image a .pth has it; on a host, docker/ is sys.path[0]
+    sys.path.append(str(REPO))
+from archive.server import CONFIG, render_config  # noqa: E402
+
 MODEL = "ncf"
 LOG_CONFIG = REPO / "archive" / "log4j2.xml"
-METRICS_CONFIG = REPO / "archive" / "metrics.yaml"
 PUBLIC_PORT = 8080
 TORCHSERVE_TIMEOUT = 120  # TorchServe's response timeout when neither the .mar nor env sets one
 MAX_BODY = 6_553_500  # TorchServe's default max_request_size; SageMaker's limit is 6 MB
@@ -289,10 +292,7 @@ def console_log_config(source: Path, dest: Path) -> None:
     SageMaker collects a container's stdout/stderr (into CloudWatch), not its files."""
     tree = ET.parse(source)
     appenders = tree.getroot().find("Appenders")
-    console = appenders.find("Console")
-    if console is None:
-        console = ET.SubElement(appenders, "Console", name="STDOUT", target="SYSTEM_OUT")
-        ET.SubElement(console, "PatternLayout", pattern="%d{ISO8601} [%-5p] %t %c - %m%n")
+    console = appenders.find("Console")  # archive/log4j2.xml has one
     for appender in [a for a in appenders if a is not console]:
         appenders.remove(appender)
     for logger in tree.getroot().find("Loggers"):
@@ -331,39 +331,30 @@ def loopback_ports(public: int) -> Ports:
 
 
 def write_config(run: Path, store: Path, ports: Ports, workers: int, timeout: int | None) -> Path:
-    lines = [
-        "# Written by docker/entrypoint.py for this container (see docker/README.md).",
-        "# TorchServe listens on loopback only; the public port is the entrypoint's gate.",
-        f"inference_address=http://127.0.0.1:{ports.inference}",
-        f"management_address=http://127.0.0.1:{ports.management}",
-        f"metrics_address=http://127.0.0.1:{ports.metrics}",
-        "grpc_inference_address=127.0.0.1",
-        "grpc_management_address=127.0.0.1",
-        f"grpc_inference_port={ports.grpc_inference}",
-        f"grpc_management_port={ports.grpc_management}",
-        "metrics_mode=prometheus",
-        # SageMaker calls /ping and /invocations without a token; nothing but the gate can
-        # reach TorchServe's ports, and without the model API no model can be registered.
-        "disable_token_authorization=true",
-        "enable_model_api=false",
-        "install_py_dep_per_model=false",
-        f"model_store={store}",
-        f"load_models={MODEL}={MODEL}.mar",
+    """archive/config.properties (what `make serve` runs: token auth off, no model API,
+    metrics) with this container's ports, model and limits. TorchServe listens on loopback
+    only: the public port is the gate's."""
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{ports.inference}",
+        "management_address": f"http://127.0.0.1:{ports.management}",
+        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
+        "grpc_inference_port": ports.grpc_inference,
+        "grpc_management_port": ports.grpc_management,
+        "model_store": store,
+        "load_models": f"{MODEL}={MODEL}.mar",
         # For a .mar without model-config.yaml; ours carry workers and timeout in it.
-        f"default_workers_per_model={workers}",
-        f"max_request_size={MAX_BODY}",
-        f"max_response_size={MAX_BODY}",
-    ]
+        "default_workers_per_model": workers,
+        "max_request_size": MAX_BODY,
+        "max_response_size": MAX_BODY,
+    }
     if timeout:
-        lines.append(f"default_response_timeout={timeout}")
-    if METRICS_CONFIG.is_file():
-        lines.append(f"metrics_config={METRICS_CONFIG}")
+        overrides["default_response_timeout"] = timeout
     config = run / "config.properties"
-    config.write_text("\n".join(lines) + "\n")
+    render_config(CONFIG, config, overrides)
     return config
 
 
-def start_torchserve(run: Path, config: Path, log_config: Path | None) -> tuple[int, int]:
+def start_torchserve(run: Path, config: Path, log_config: Path) -> tuple[int, int]:
     """Start TorchServe; return (Java's pid, the process group of TorchServe's processes)."""
     launcher = shutil.which("torchserve", path=str(Path(sys.executable).parent))
     launcher = launcher or shutil.which("torchserve")
@@ -377,8 +368,7 @@ def start_torchserve(run: Path, config: Path, log_config: Path | None) -> tuple[
     env |= {"TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(run / "logs")}
     env["METRICS_LOCATION"] = str(run / "logs")
     command = [launcher, "--start", "--ncs", "--ts-config", str(config)]
-    if log_config is not None:
-        command += ["--log-config", str(log_config)]
+    command += ["--log-config", str(log_config)]
     # `torchserve --start` starts Java and returns. Its new session is the process group of
     # Java and the Python workers, so one killpg reaches all of them.
     launch = subprocess.run(command, cwd=run, env=env, start_new_session=True, check=False)
@@ -455,10 +445,8 @@ def serve(argv: list[str]) -> int:
     try:
         store, response_timeout = prepare_model(run, workers, timeout)
         config = write_config(run, store, ports, workers, timeout)
-        log_config = None
-        if LOG_CONFIG.is_file():
-            log_config = run / "log4j2.xml"
-            console_log_config(LOG_CONFIG, log_config)
+        log_config = run / "log4j2.xml"
+        console_log_config(LOG_CONFIG, log_config)
         java, pgid = start_torchserve(run, config, log_config)
         readiness = Readiness(ports.management, MODEL, workers)
         upstream = Upstream(ports.inference, timeout=response_timeout + 10)

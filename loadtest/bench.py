@@ -12,9 +12,10 @@ is registered with the NCF model's batch settings and workers, so that the two d
 in the handler. Each Locust run's own results (CSVs, plots, report.md) are kept under
 loadtest/results/bench-<command>-<timestamp>/.
 
---torch-threads sets OMP_NUM_THREADS for the workers (default 1): on a 2-core machine shared
-with Locust and the Java frontend, a fixed single intra-op thread per worker keeps runs
-comparable; torch's own default, a thread per core, competes with both (see the README).
+--torch-threads sets handler.threads of the .mar's model-config.yaml (default 1, as
+shipped): on a 2-core machine shared with Locust and the Java frontend, a fixed single
+intra-op thread per worker keeps runs comparable; torch's own default, a thread per core,
+competes with both (see the README).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import yaml
+
 from archive import server as ts
-from archive.build import build
+from archive.build import MODEL_CONFIG, build
 from loadtest.run import (
     RESULTS,
     Load,
@@ -77,19 +80,16 @@ class Bench:
 def bench_server(artifact: Path, results: Path, torch_threads: int) -> Iterator[Bench]:
     with tempfile.TemporaryDirectory(prefix="ncf-bench-") as work:
         store = Path(work) / "store"
-        build(artifact, store)
+        # The handler sets its torch threads from handler.threads (an environment variable
+        # such as OMP_NUM_THREADS would be overridden by it).
+        config = yaml.safe_load(MODEL_CONFIG.read_text())
+        config["handler"]["threads"] = torch_threads
+        model_config = Path(work) / "model-config.yaml"
+        model_config.write_text(yaml.safe_dump(config))
+        build(artifact, store, model_config)
         build_null_mar(store)
-        # The workers inherit the frontend's environment, which ts.start takes from ours.
-        previous = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
-        try:
-            with private_server(store, Path(work) / "state") as server:
-                yield Bench(server, artifact, results)
-        finally:
-            if previous is None:
-                os.environ.pop("OMP_NUM_THREADS")
-            else:
-                os.environ["OMP_NUM_THREADS"] = previous
+        with private_server(store, Path(work) / "state") as server:
+            yield Bench(server, artifact, results)
 
 
 def target(bench: Bench, model: str) -> Target:
@@ -110,13 +110,13 @@ def warm_up(bench: Bench, model: str, load: Load):
             raise ts.ServerError(f"warm-up request to {model} answered {status}: {answer}")
 
 
-def measure(bench: Bench, model: str, load: Load, results: Path, meta: dict | None = None) -> dict:
+def measure(bench: Bench, model: str, load: Load, results: Path) -> dict:
     """One constant load on `model` of the bench server: summary.json's figures, and the
     CPU time each part of the set-up spent per request."""
     warm_up(bench, model, load)
     workers = worker_pids(bench.server.management, model)
     with CpuMeter(bench.server.pid, workers) as cpu:
-        summary = run_load(target(bench, model), load, bench.artifact, results, meta)
+        summary = run_load(target(bench, model), load, bench.artifact, results)
     return {**summary, "cpu_ms_per_request": cpu.per_request_ms(summary["requests"])}
 
 
@@ -266,16 +266,16 @@ def soak(args, bench: Bench) -> dict:
 
 def _wait_for_new_workers(bench: Bench, old: set[int], timeout: float) -> float | None:
     """Seconds until the model is READY again on workers other than `old`."""
-    start = time.monotonic()
+    start, management = time.monotonic(), bench.server.management
     while time.monotonic() - start < timeout:
+        # READY on other pids than the killed ones: TorchServe may still report those for a while.
         try:
-            _, described = ts.http("GET", f"{bench.server.management}/models/ncf", timeout=2)
-            workers = described[0].get("workers") or []
-        except (OSError, KeyError, IndexError, TypeError, AttributeError):
-            workers = []  # the frontend is busy replacing the worker: ask again
-        pids = {w.get("pid") for w in workers}
-        if workers and not pids & old and all(w.get("status") == "READY" for w in workers):
-            return time.monotonic() - start
+            if ts.readiness_problem(management, "ncf") is None and not (
+                set(worker_pids(management, "ncf")) & old
+            ):
+                return time.monotonic() - start
+        except OSError:
+            pass  # the frontend is busy replacing the worker: ask again
         time.sleep(0.05)
     return None
 
@@ -381,7 +381,12 @@ def main(argv=None) -> int:
 
 def add_bench_arguments(p: argparse.ArgumentParser, duration: float):
     add_load_arguments(p, users=32, duration=duration)
-    p.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of workers")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads of the workers (handler.threads)",
+    )
 
 
 def run_command(name: str, command, args, output: str) -> int:

@@ -11,7 +11,7 @@ server-side latencies, and writes loadtest/results/<timestamp>/ (Locust's CSVs a
 run.json, summary.json, plots, report.md) with loadtest/results/latest pointing at it.
 Exit status: 0 without failures, 1 with failures, 2 when the server is not ready.
 
-`run_load` is the whole run as a function; loadtest/grid.py and loadtest/experiments.py
+`run_load` is the whole run as a function; loadtest/grid.py and loadtest/bench.py
 measure with it.
 """
 
@@ -32,7 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from archive import server as ts
 from loadtest import report
-from loadtest.torchserve import NotReady, describe, readiness_problem, scrape, server_latency
+from loadtest.torchserve import NotReady, describe, scrape, server_latency
 from loadtest.workload import Mix, format_k_weights, parse_k_weights, user_levels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def check_ready(target: Target) -> None:
         if status != "InService":
             raise NotReady(f"endpoint {target.endpoint} is {status}, not InService")
         return
-    problem = readiness_problem(target.management, target.model)
+    problem = ts.readiness_problem(target.management, target.model)
     if problem:
         raise NotReady(problem)
 
@@ -217,7 +217,7 @@ def resolve_target(args) -> Target:
 
 
 def add_load_arguments(p: argparse.ArgumentParser, users: int = 32, duration: float = 60):
-    """The load options, shared with loadtest/grid.py and loadtest/experiments.py."""
+    """The load options, shared with loadtest/grid.py and loadtest/bench.py."""
     p.add_argument("--artifact", type=Path, required=True, help="artifact of the served model")
     p.add_argument("--users", type=int, default=users, help="concurrent users (constant)")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: all)")

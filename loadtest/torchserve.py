@@ -7,12 +7,9 @@ server is found and stopped exactly like any other of this project's servers.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +18,7 @@ from urllib.parse import urlencode
 import psutil
 
 from archive import server as ts
-from archive.build import MODEL_CONFIG, archiver
+from archive.build import MODEL_CONFIG, run_archiver
 
 REPO = Path(__file__).resolve().parents[1]
 NULL_HANDLER = REPO / "loadtest" / "null_handler.py"
@@ -39,29 +36,7 @@ class NotReady(RuntimeError):
     """The server cannot take the load: the message says why and what to do."""
 
 
-# ---------------------------------------------------------------------- readiness
-
-
-def readiness_problem(management: str, model: str) -> str | None:
-    """None when every worker of `model` is READY, else a sentence for the user."""
-    try:
-        status, described = ts.http("GET", f"{management}/models/{model}", timeout=5)
-    except OSError as error:
-        return (
-            f"cannot reach TorchServe's management API at {management} ({error}); "
-            "is it running (`make serve`), and is MANAGEMENT right?"
-        )
-    if status == 404:
-        return f"TorchServe at {management} does not serve a model named {model!r}"
-    if status != 200 or not isinstance(described, list) or not described:
-        return f"{management}/models/{model} answered {status}: {described}"
-    workers = described[0].get("workers") or []
-    if not workers:
-        return f"model {model!r} has no workers"
-    waiting = [f"{w.get('id')}={w.get('status')}" for w in workers if w.get("status") != "READY"]
-    if waiting:
-        return f"model {model!r} has workers that are not READY: {', '.join(waiting)}"
-    return None
+# ---------------------------------------------------------------------- models
 
 
 def describe(management: str, model: str) -> dict:
@@ -78,7 +53,10 @@ def describe(management: str, model: str) -> dict:
 
 
 def worker_pids(management: str, model: str) -> list[int]:
-    _, described = ts.http("GET", f"{management}/models/{model}", timeout=5)
+    """The model's worker processes; none while TorchServe cannot describe the model."""
+    status, described = ts.http("GET", f"{management}/models/{model}", timeout=5)
+    if status != 200 or not isinstance(described, list) or not described:
+        return []
     return [int(w["pid"]) for w in described[0].get("workers") or [] if w.get("pid")]
 
 
@@ -102,15 +80,16 @@ class CpuMeter:
         self.pids = {"frontend": [frontend], "workers": list(workers)}
 
     @staticmethod
-    def _process_seconds(pids: list[int]) -> float:
-        total = 0.0
+    def _process_seconds(pids: list[int]) -> dict[int, float]:
+        """Own CPU (not the children's: the workers are the frontend's) of each live pid."""
+        seconds = {}
         for pid in pids:
             try:
                 times = psutil.Process(pid).cpu_times()
             except psutil.NoSuchProcess:
                 continue
-            total += times.user + times.system
-        return total
+            seconds[pid] = times.user + times.system
+        return seconds
 
     @staticmethod
     def _children_seconds() -> float:
@@ -119,13 +98,15 @@ class CpuMeter:
 
     @staticmethod
     def _machine_busy_seconds() -> float:
-        times = psutil.cpu_times()
-        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        # guest time is already inside user/nice on Linux; /proc/stat is the whole host's
+        times = psutil.cpu_times()._asdict()
+        idle = ("idle", "iowait", "guest", "guest_nice")
+        return sum(v for name, v in times.items() if name not in idle)
 
-    def _read(self) -> dict[str, float]:
+    def _read(self) -> dict[str, dict]:
         readings = {name: self._process_seconds(pids) for name, pids in self.pids.items()}
-        readings["locust"] = self._children_seconds()
-        readings["machine"] = self._machine_busy_seconds()
+        readings["locust"] = {"children": self._children_seconds()}
+        readings["machine"] = {"busy": self._machine_busy_seconds()}
         return readings
 
     def __enter__(self) -> CpuMeter:
@@ -134,7 +115,13 @@ class CpuMeter:
 
     def __exit__(self, *exc):
         end = self._read()
-        self.seconds = {name: end[name] - self.start[name] for name in end}
+        # Per pid: a process that was not there at both readings is left out.
+        self.seconds = {
+            name: sum(
+                v - self.start[name][key] for key, v in reading.items() if key in self.start[name]
+            )
+            for name, reading in end.items()
+        }
 
     def per_request_ms(self, requests: int) -> dict[str, float | None]:
         return {
@@ -214,16 +201,7 @@ def unregister(management: str, model: str) -> None:
 def build_null_mar(store: Path, model_config: Path = MODEL_CONFIG) -> Path:
     """store/null.mar: the null handler with the NCF model's model-config.yaml (same batch
     settings and workers), built by the real torch-model-archiver."""
-    store.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="null-mar-") as scratch:
-        # A private TMPDIR: the archiver wipes $TMPDIR/<model name> while it works.
-        subprocess.run(
-            [archiver(), "--model-name", NULL_MODEL, "--version", "1.0",
-             "--handler", str(NULL_HANDLER), "--config-file", str(model_config),
-             "--export-path", str(store), "--force"],
-            check=True, env={**os.environ, "TMPDIR": scratch},
-        )  # fmt: skip
-    return store / f"{NULL_MODEL}.mar"
+    return run_archiver(NULL_MODEL, "1.0", NULL_HANDLER, model_config, store)
 
 
 # ---------------------------------------------------------------------- a private server

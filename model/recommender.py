@@ -88,8 +88,6 @@ class _IdIndex:
     def lookup(self, raw_ids: Sequence[int]) -> np.ndarray:
         """Model indices of `raw_ids`, -1 where unknown."""
         raw = np.asarray(raw_ids, dtype=np.int64).reshape(-1)
-        if len(self._sorted) == 0:
-            return np.full(len(raw), -1, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self._sorted, raw), len(self._sorted) - 1)
         return np.where(self._sorted[pos] == raw, self._order[pos], -1)
 
@@ -156,8 +154,8 @@ class Recommender:
 
     def unknown_items(self, item_ids: Sequence[int]) -> list[int]:
         """The ids of `item_ids` that are not in the catalogue, in their order."""
-        index = self._items.lookup(item_ids)
-        return [int(i) for i, j in zip(item_ids, index, strict=True) if j < 0]
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        return ids[self._items.lookup(ids) < 0].tolist()
 
     def recommend(
         self,
@@ -181,19 +179,22 @@ class Recommender:
         """Answer many queries (each with its own k, exclusion and candidates) in one pass:
         the user side is computed once for all of them, catalogue-wide queries share one
         batched scoring of the catalogue, candidate queries one gathered scoring."""
+        # Model indices of each distinct candidate list: the users of one request share one.
+        candidate_index: dict[tuple[int, ...], np.ndarray] = {}
         for q in queries:
             if q.k < 1:
                 raise ValueError(f"k must be at least 1, got {q.k}")
-            if q.candidates is not None:
-                unknown = self.unknown_items(q.candidates)
-                if unknown:
-                    raise UnknownItemsError(unknown)
+            if q.candidates is not None and q.candidates not in candidate_index:
+                index = self._items.lookup(q.candidates)
+                if (index < 0).any():
+                    raise UnknownItemsError(np.asarray(q.candidates)[index < 0].tolist())
+                candidate_index[q.candidates] = index
         users = self._users.lookup([q.user_id for q in queries])
         known = [n for n, u in enumerate(users) if u >= 0]
         results: list[Recommendation | None] = [None] * len(queries)
         for n, u in enumerate(users):
             if u < 0:
-                results[n] = self._popular_fallback(queries[n])
+                results[n] = self._popular_fallback(queries[n], candidate_index)
         if known:
             distinct, inverse = np.unique(users[known], return_inverse=True)
             user_gmf, user_mlp = self.model.user_side(torch.as_tensor(distinct, device=self.device))
@@ -203,7 +204,9 @@ class Recommender:
             if whole:
                 self._rank_catalogue(queries, users, whole, row_of, user_gmf, user_mlp, results)
             if listed:
-                self._rank_candidates(queries, users, listed, row_of, user_gmf, user_mlp, results)
+                self._rank_candidates(
+                    queries, users, listed, row_of, user_gmf, user_mlp, results, candidate_index
+                )
         return results
 
     # ------------------------------------------------------------------ scoring
@@ -287,12 +290,14 @@ class Recommender:
                 queries[n], items[b, : queries[n].k][keep], scores[b, : queries[n].k][keep]
             )
 
-    def _rank_candidates(self, queries, users, positions, row_of, user_gmf, user_mlp, results):
+    def _rank_candidates(
+        self, queries, users, positions, row_of, user_gmf, user_mlp, results, candidate_index
+    ):
         # All (user, candidate) pairs of all queries in one flat list; spans[n] is query n's.
         pair_rows, pair_items, spans, offset = [], [], [], 0
         for n in positions:
             q = queries[n]
-            items = self._items.lookup(q.candidates)
+            items = candidate_index[q.candidates]
             if q.exclude_seen:
                 items = items[~np.isin(items, self.catalog.seen(users[n]))]
             pair_rows.append(np.full(len(items), row_of[n]))
@@ -315,11 +320,11 @@ class Recommender:
 
     # ------------------------------------------------------------------ results
 
-    def _popular_fallback(self, q: Query) -> Recommendation:
+    def _popular_fallback(self, q: Query, candidate_index) -> Recommendation:
         if q.candidates is None:
             items = self._popular[: q.k]
         else:
-            items = self._items.lookup(q.candidates)
+            items = candidate_index[q.candidates]
             items = items[np.argsort(-self.catalog.item_popularity[items], kind="stable")][: q.k]
         return self._recommendation(q, items, None, FALLBACK_POPULAR)
 

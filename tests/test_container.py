@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from ports import free_ports
 
+from archive.build import build
 from deploy import pipeline
 from deploy.train_job import hyperparameters
 
@@ -163,15 +164,7 @@ def trained(image, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mar(trained, tmp_path_factory) -> Path:
     """A folder holding ncf.mar of the trained artifact, as `make package` uploads it."""
-    store = tmp_path_factory.mktemp("store")
-    subprocess.run(
-        [sys.executable, "-m", "archive.build", "--artifact", str(trained / "model")]
-        + ["--out", str(store)],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    return store
+    return build(trained / "model", tmp_path_factory.mktemp("store")).parent
 
 
 def serve_and_stop(image: str, name: str, model: Path) -> dict:

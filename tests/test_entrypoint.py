@@ -26,6 +26,7 @@ import pytest
 import yaml
 from ports import free_ports
 
+from archive.build import build
 from deploy.train_job import hyperparameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,15 +185,7 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mar(trained, tmp_path_factory) -> Path:
     """ncf.mar of the trained artifact, as `make package` uploads it."""
-    out = tmp_path_factory.mktemp("store")
-    subprocess.run(
-        [sys.executable, "-m", "archive.build", "--artifact", str(trained / "model")]
-        + ["--out", str(out)],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    return out / "ncf.mar"
+    return build(trained / "model", tmp_path_factory.mktemp("store"))
 
 
 # ---------------------------------------------------------------------- train
@@ -437,3 +430,16 @@ def test_other_commands_are_executed_as_given(tmp_path):
         [sys.executable, str(ENTRYPOINT), "no-such-command"], capture_output=True, text=True
     )
     assert missing.returncode == 127 and "no-such-command" in missing.stderr
+
+
+def test_readiness_waits_for_every_worker_then_needs_one(monkeypatch):
+    readiness = health_gate.Readiness(management_port=1, model="ncf", workers=2)  # not started
+    answers = iter([None, 1, 2, 1, 0, None])
+    monkeypatch.setattr(readiness, "ready_workers", lambda: next(answers))
+    seen = []
+    for _ in range(6):
+        readiness.refresh()
+        seen.append(readiness.state()[0])
+    # not up / loading (1 of 2) / all READY / one still READY / none / management down
+    assert seen == [False, False, True, True, False, False]
+    assert readiness.state()[1] == "TorchServe's management API does not answer"

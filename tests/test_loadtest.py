@@ -323,7 +323,8 @@ def test_cpu_meter_counts_the_workers_and_the_waited_for_locust():
         worker.kill()
         worker.wait()
     assert cpu.seconds["workers"] >= 0.35 and cpu.seconds["locust"] >= 0.35
-    assert cpu.seconds["machine"] >= 0.7
+    assert cpu.seconds["frontend"] < 0.2  # this process only waited: its children are not its own
+    assert cpu.seconds["machine"] >= cpu.seconds["workers"] + cpu.seconds["locust"] - 0.05
     per_request = cpu.per_request_ms(100)
     assert per_request["workers"] == round(cpu.seconds["workers"] * 10, 3)
     assert cpu.per_request_ms(0)["locust"] is None

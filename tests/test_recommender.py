@@ -70,7 +70,8 @@ def test_seen_items_are_excluded(artifact):
     assert shown_seen > 0  # without exclusion the seen items do rank, so the test has teeth
 
 
-def test_a_user_with_few_unseen_items_gets_fewer_than_k():
+@pytest.mark.parametrize("chunk", [1 << 20, 64])  # one chunk; many, most of them all excluded
+def test_a_user_with_few_unseen_items_gets_fewer_than_k(chunk):
     artifact = make_artifact("neumf")
     catalog = artifact.catalog
     everything_but_two = np.arange(2, NUM_ITEMS)
@@ -81,7 +82,8 @@ def test_a_user_with_few_unseen_items_gets_fewer_than_k():
         np.repeat(np.arange(NUM_USERS), [len(s) for s in seen]),
         np.concatenate(seen),
     )
-    [result] = Recommender(artifact, "cpu").recommend([catalog.user_ids[0]], k=10)
+    rec = Recommender(artifact, "cpu", max_chunk_elements=chunk)
+    [result] = rec.recommend([catalog.user_ids[0]], k=10)
     assert sorted(i.item_id for i in result.items) == sorted(catalog.item_ids[:2].tolist())
     assert all(i.title is None for i in result.items)  # a catalogue without titles
 
