@@ -339,15 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--dataset", default="ml-1m")
         p.add_argument("--model", default="neumf-pre")
-        for option, kind in (
-            ("factors", int),
-            ("layers", str),
-            ("negatives", int),
-            ("batch-size", int),
-            ("lr", float),
-            ("epochs", int),
-            ("seed", int),
-        ):
+        for option, kind in train_job.HYPERPARAMETER_OPTIONS.items():
             p.add_argument(
                 f"--{option}", type=kind, help="training.train option (default: its own)"
             )

@@ -45,8 +45,19 @@ GPUS = {
     "ml.p5en.48xlarge": 8,
 }
 
-# The training CLI's options that train-job forwards (None: the CLI's own default).
-HYPERPARAMETER_OPTIONS = ("factors", "layers", "negatives", "batch-size", "lr", "epochs", "seed")
+# The training CLI's options that train-job forwards, with their types (None: the CLI's
+# own default).
+HYPERPARAMETER_OPTIONS = {
+    "factors": int,
+    "layers": str,
+    "negatives": int,
+    "batch-size": int,
+    "lr": float,
+    "l2": float,
+    "weight-decay": float,
+    "epochs": int,
+    "seed": int,
+}
 
 
 def is_distributed(instance_type: str, instance_count: int) -> bool:

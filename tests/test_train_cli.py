@@ -203,6 +203,8 @@ def test_sagemaker_training_contract(tmp_path):
         (["--model", "svd"], ["invalid choice: 'svd'"]),
         (["--epochs", "0"], ["--epochs must be at least 1"]),
         (["--lr", "nan"], ["learning rates must be positive numbers"]),
+        (["--weight-decay", "-0.1"], ["--weight-decay must be a number >= 0"]),
+        (["--l2", "inf"], ["--l2 must be a number >= 0"]),
         (["--layers", "64,x"], ["--layers"]),
         (["--dataset", "ml-100k", "--data-dir", "/nonexistent"], ["make data DATASET=ml-100k"]),
     ],

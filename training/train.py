@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.005, help="Adam learning rate (gmf, mlp, neumf)")
     p.add_argument("--lr-decay", type=float, default=1.0, help="learning rate x this every epoch")
     p.add_argument("--l2", type=float, default=0.0, help="L2 penalty on each sample's embeddings")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="AdamW weight decay of the linear layers' weights (tower, prediction layer)",
+    )
     p.add_argument("--pretrain-lr", type=float, default=0.05, help="SGD learning rate of neumf-pre")
     p.add_argument(
         "--pretrain-epochs", type=int, help="epochs of neumf-pre's own training (default --epochs)"
@@ -170,10 +176,7 @@ def fit(
         data.num_items,
     )
     trained = DistributedDataParallel(model) if run.world > 1 else model
-    if optimizer_name == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model, optimizer_name, lr, args.weight_decay)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -295,6 +298,25 @@ def fit(
     best_model = copy.deepcopy(model)
     best_model.load_state_dict(best_state)
     return best_model, best, history
+
+
+def make_optimizer(model: NCF, name: str, lr: float, weight_decay: float):
+    """Plain SGD (neumf-pre), or Adam with decoupled weight decay (AdamW) on the linear
+    layers' weights only: the embeddings have their own per-sample penalty (--l2), biases
+    none. Without it GMF's prediction weights grow freely while the penalised embeddings
+    shrink, which hollows out --l2."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    decayed = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = {id(p) for p in decayed}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.AdamW(
+        [
+            {"params": decayed, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
 
 
 def embedding_penalty(model: NCF, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -442,6 +464,9 @@ def main(argv=None):
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
     if not all(0 < lr < math.inf for lr in (args.lr, args.pretrain_lr)):
         raise ValueError("learning rates must be positive numbers")
+    for option in ("l2", "weight_decay"):
+        if not 0 <= getattr(args, option) < math.inf:
+            raise ValueError(f"--{option.replace('_', '-')} must be a number >= 0")
     run = Run(args)
     out = args.out or (
         Path(os.environ["SM_MODEL_DIR"])
