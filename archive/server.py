@@ -18,6 +18,7 @@ server.json (checked against its command line) and the workers whose socket is i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -246,6 +247,35 @@ def model_ready(server: Server) -> bool:
 # ---------------------------------------------------------------------- start / stop
 
 
+def launch(args: list[str], cwd: Path, tmp: Path, logs: Path, output: Path | None = None) -> int:
+    """`torchserve --start --ncs ARGS`; return the Java frontend's pid.
+
+    The launcher starts Java and returns. Java gets a new session, so it is out of the
+    caller's terminal (no SIGINT/SIGHUP) and its process group is Java's and the workers'.
+    `tmp` is private to this server (the launcher's pid file, the extracted .mar, worker
+    sockets), `logs` gets its logs and metrics, `output` (else inherited) the launcher's."""
+    launcher = shutil.which("torchserve", path=str(Path(sys.executable).parent))
+    launcher = launcher or shutil.which("torchserve")
+    if launcher is None:
+        raise ServerError("torchserve not found; run `make install`")
+    # TS_CONFIG_FILE would beat --ts-config. PYTHONPATH goes before the model's own folder
+    # on the workers' path, where it could shadow the handler code packed in the .mar.
+    env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
+    env |= {"TMPDIR": str(tmp), "TEMP": str(tmp)}
+    env |= {"LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs)}
+    with open(output, "ab") if output else contextlib.nullcontext() as out:
+        launched = subprocess.run(
+            [launcher, "--start", "--ncs", *args], cwd=cwd, env=env,
+            stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True, check=False,
+        )  # fmt: skip
+    pid_file = tmp / ".model_server.pid"
+    if launched.returncode != 0 or not pid_file.is_file():
+        see = f"; see {output}" if output else ""
+        raise ServerError(f"torchserve --start failed (exit status {launched.returncode}){see}")
+    return int(pid_file.read_text())
+
+
 def start(
     model_store: Path,
     state: Path = STATE,
@@ -269,32 +299,11 @@ def start(
         CONFIG, config, {"model_store": str(model_store.resolve()), **(overrides or {})}
     )
     check_ports_free(props)
-    launcher = shutil.which("torchserve", path=str(Path(sys.executable).parent))
-    launcher = launcher or shutil.which("torchserve")
-    if launcher is None:
-        raise ServerError("torchserve not found; run `make install`")
-    env = {k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}  # it beats --ts-config
-    env |= {"TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(state)}
-    env["METRICS_LOCATION"] = str(state)
-    command = [
-        launcher, "--start", "--ncs",
-        "--ts-config", str(config),
-        "--log-config", str(LOG_CONFIG),
-        "--model-store", props["model_store"],
-        "--models", f"{MODEL}={MODEL}.mar",
-    ]  # fmt: skip
-    with open(state / "torchserve.out", "ab") as out:
-        # The launcher starts Java and returns; a new session keeps Java out of the caller's
-        # terminal (no SIGINT/SIGHUP from it). Java runs in the state folder, so anything it
-        # writes to its working directory stays there.
-        subprocess.run(
-            command, cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, check=True,
-        )  # fmt: skip
-    pid_file = tmp / ".model_server.pid"  # written by the launcher: the Java frontend's pid
-    if not pid_file.is_file():
-        raise ServerError(f"TorchServe did not start; see {state}/torchserve.out")
-    pid = int(pid_file.read_text())
+    pid = launch(
+        ["--ts-config", str(config), "--log-config", str(LOG_CONFIG),
+         "--model-store", props["model_store"], "--models", f"{MODEL}={MODEL}.mar"],
+        cwd=state, tmp=tmp, logs=state, output=state / "torchserve.out",
+    )  # fmt: skip
     server = Server(
         state=str(state),
         pid=pid,

@@ -35,7 +35,7 @@ from health_gate import GateServer, Readiness, Upstream, log
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # in the image a .pth has it; on a host, docker/ is sys.path[0]
     sys.path.append(str(REPO))
-from archive.server import CONFIG, render_config  # noqa: E402
+from archive.server import CONFIG, ServerError, launch, render_config  # noqa: E402
 
 MODEL = "ncf"
 LOG_CONFIG = REPO / "archive" / "log4j2.xml"
@@ -356,26 +356,14 @@ def write_config(run: Path, store: Path, ports: Ports, workers: int, timeout: in
 
 def start_torchserve(run: Path, config: Path, log_config: Path) -> tuple[int, int]:
     """Start TorchServe; return (Java's pid, the process group of TorchServe's processes)."""
-    launcher = shutil.which("torchserve", path=str(Path(sys.executable).parent))
-    launcher = launcher or shutil.which("torchserve")
-    if launcher is None:
-        raise ConfigError("torchserve not found")
-    tmp = run / "tmp"  # private: the launcher's pid file, the extracted .mar, worker sockets
+    tmp = run / "tmp"
     tmp.mkdir()
-    # TS_CONFIG_FILE would beat --ts-config. PYTHONPATH goes before the model's own folder
-    # on the workers' path, where it could shadow the handler code packed in the .mar.
-    env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
-    env |= {"TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(run / "logs")}
-    env["METRICS_LOCATION"] = str(run / "logs")
-    command = [launcher, "--start", "--ncs", "--ts-config", str(config)]
-    command += ["--log-config", str(log_config)]
-    # `torchserve --start` starts Java and returns. Its new session is the process group of
-    # Java and the Python workers, so one killpg reaches all of them.
-    launch = subprocess.run(command, cwd=run, env=env, start_new_session=True, check=False)
-    pid_file = tmp / ".model_server.pid"
-    if launch.returncode != 0 or not pid_file.is_file():
-        raise ConfigError(f"torchserve --start failed (exit status {launch.returncode})")
-    java = int(pid_file.read_text())
+    java = launch(
+        ["--ts-config", str(config), "--log-config", str(log_config)],
+        cwd=run,
+        tmp=tmp,
+        logs=run / "logs",
+    )
     return java, os.getpgid(java)
 
 
@@ -487,7 +475,7 @@ def main(argv: list[str]) -> int:
             return serve(rest)
         if command == "train":
             return train(rest)
-    except ConfigError as error:
+    except (ConfigError, ServerError) as error:
         log(f"error: {error}")
         return 2
     try:

@@ -16,7 +16,6 @@ cache, so a second run takes a fraction of the first.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -26,9 +25,9 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from ports import free_ports
+from sagemaker_job import opt_ml_for_training, request, wait_for_ping
 
 from archive.build import build
 from deploy import pipeline
@@ -60,31 +59,6 @@ def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.C
     return subprocess.run(
         ["podman", *args], env=ENV, capture_output=True, text=True, timeout=timeout, check=check
     )
-
-
-def http_status(port: int, method: str, path: str, body=None):
-    """(status, decoded JSON) of one request, or (None, None) when nothing listens."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        connection.request(method, path, None if body is None else json.dumps(body), headers)
-        response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"null")
-    except OSError:
-        return None, None
-    finally:
-        connection.close()
-
-
-def write_u_data(folder: Path, users=300, items=150, per_user=20) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    lines = [
-        f"{user}\t{item}\t5\t{t}"
-        for user in range(1, users + 1)
-        for t, item in enumerate(rng.choice(items, per_user, replace=False) + 1)
-    ]
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -144,14 +118,8 @@ def container_name(request):
 @pytest.fixture(scope="module")
 def trained(image, tmp_path_factory) -> Path:
     """/opt/ml of a training job that ran in the image (`train`)."""
-    opt_ml = tmp_path_factory.mktemp("train") / "opt_ml"
-    config = opt_ml / "input" / "config"
-    config.mkdir(parents=True)
     hp = hyperparameters(DATASET, "gmf", {"epochs": 1, "batch-size": 1024})
-    (config / "hyperparameters.json").write_text(json.dumps(hp))
-    resources = {"current_host": "algo-1", "hosts": ["algo-1"]}
-    (config / "resourceconfig.json").write_text(json.dumps(resources))
-    write_u_data(opt_ml / "input" / "data" / "train")
+    opt_ml = opt_ml_for_training(tmp_path_factory.mktemp("train") / "opt_ml", hp)
     result = podman(
         "run", "--rm", "--network", "host", "-e", "OMP_NUM_THREADS=1",
         "-v", f"{opt_ml}:/opt/ml", image, "train",
@@ -180,19 +148,19 @@ def serve_and_stop(image: str, name: str, model: Path) -> dict:
         image, "serve",
     )  # fmt: skip
     started = time.monotonic()
-    seen = []
-    while (status := http_status(port, "GET", "/ping")[0]) != 200:
-        running = podman("inspect", name, "--format", "{{.State.Running}}").stdout.strip()
-        if running != "true" or time.monotonic() - started > 180:
-            logs = podman("logs", name, check=False)
-            pytest.fail(f"no healthy /ping: {logs.stdout[-3000:]}{logs.stderr[-3000:]}")
-        if not seen or seen[-1] != status:
-            seen.append(status)
-        time.sleep(0.1)
+
+    def container_logs():
+        result = podman("logs", name, check=False)
+        return result.stdout[-3000:] + result.stderr[-3000:]
+
+    def container_running():
+        return podman("inspect", name, "--format", "{{.State.Running}}").stdout.strip() == "true"
+
+    seen = wait_for_ping(port, container_running, container_logs, timeout=180)
     ready = time.monotonic() - started
     assert 503 in seen, seen  # unhealthy while the model was loading
 
-    status, answer = http_status(port, "POST", "/invocations", {"user_id": 5, "k": 4})
+    status, answer = request(port, "POST", "/invocations", {"user_id": 5, "k": 4})
     assert status == 200, answer
     assert len(answer["items"]) == 4
 

@@ -20,11 +20,11 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import yaml
 from ports import free_ports
+from sagemaker_job import opt_ml_for_training, ping, request, wait_for_ping
 
 from archive.build import build
 from deploy.train_job import hyperparameters
@@ -61,43 +61,13 @@ def serve_env(tmp_path: Path, **extra) -> tuple[dict[str, str], int, int]:
     return env, base, base + 2  # the range holds inference, management, metrics, gRPC x2
 
 
-def request(port: int, method: str, path: str, body=None, timeout: float = 10):
-    """(status, decoded JSON or None) of one HTTP request to 127.0.0.1:port."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body)
-        headers = {} if body is None else {"Content-Type": "application/json"}
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        text = response.read()
-    finally:
-        connection.close()
-    try:
-        return response.status, json.loads(text)
-    except ValueError:
-        return response.status, None
-
-
-def ping(port: int) -> int | None:
-    try:
-        return request(port, "GET", "/ping", timeout=2)[0]
-    except OSError:
-        return None
-
-
-def wait_for_ping(port: int, process: subprocess.Popen, log: Path, timeout: float = 120):
-    """Poll /ping until 200; return every status seen before (None: not listening yet)."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    while (status := ping(port)) != 200:
-        if process.poll() is not None:
-            pytest.fail(f"serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"/ping not 200 after {timeout} s:\n{log.read_text()[-3000:]}")
-        if not seen or seen[-1] != status:
-            seen.append(status)
-        time.sleep(0.1)
-    return seen
+def wait_for_serve(port: int, process: subprocess.Popen, log: Path) -> list:
+    return wait_for_ping(
+        port,
+        lambda: process.poll() is None,
+        lambda: f"exit status {process.returncode}:\n{log.read_text()[-3000:]}",
+        timeout=120,
+    )
 
 
 def processes_under(path: Path) -> list[psutil.Process]:
@@ -135,28 +105,6 @@ def stop(process: subprocess.Popen, tmp_path: Path) -> None:
             process.wait()
     for leftover in processes_under(tmp_path):
         leftover.kill()
-
-
-def write_u_data(folder: Path, users=300, items=150, per_user=20, seed=0) -> None:
-    """A small implicit-feedback data set in ml-100k's raw format."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    lines = []
-    for user in range(1, users + 1):
-        for timestamp, item in enumerate(rng.choice(items, per_user, replace=False) + 1):
-            lines.append(f"{user}\t{item}\t5\t{timestamp}")
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
-
-
-def opt_ml_for_training(root: Path, hp: dict, hosts=("algo-1",)) -> Path:
-    """The /opt/ml layout SageMaker gives a training container."""
-    config = root / "input" / "config"
-    config.mkdir(parents=True)
-    (config / "hyperparameters.json").write_text(json.dumps(hp))
-    resources = {"current_host": hosts[0], "hosts": list(hosts), "network_interface_name": "eth0"}
-    (config / "resourceconfig.json").write_text(json.dumps(resources))
-    write_u_data(root / "input" / "data" / "train")
-    return root
 
 
 def run_train(root: Path, **extra) -> subprocess.CompletedProcess:
@@ -279,7 +227,7 @@ def test_serve_a_mar_with_sagemakers_settings_and_stop_on_sigterm(mar, tmp_path)
         PYTHONPATH=str(tmp_path / "shadow"),
     )
     try:
-        seen = wait_for_ping(public, process, log)
+        seen = wait_for_serve(public, process, log)
         assert 503 in seen  # /ping refused while the workers were loading
         status, described = request(management, "GET", "/models/ncf")
         assert status == 200
@@ -312,7 +260,7 @@ def test_serve_packs_an_artifact_and_ping_follows_the_worker(trained, tmp_path):
     (tmp_path / "opt_ml" / "model").symlink_to(trained / "model")
     process, public, _, log = start_serve(tmp_path)
     try:
-        wait_for_ping(public, process, log)
+        wait_for_serve(public, process, log)
         version = json.loads((trained / "model" / "metadata.json").read_text())["version"]
         status, answer = request(public, "POST", "/invocations", {"user_id": 1, "k": 2})
         assert status == 200 and answer["model"]["version"] == version
@@ -328,7 +276,7 @@ def test_serve_packs_an_artifact_and_ping_follows_the_worker(trained, tmp_path):
         while ping(public) == 200:
             assert time.monotonic() < deadline, "/ping stayed 200 without a worker"
             time.sleep(0.05)
-        wait_for_ping(public, process, log)
+        wait_for_serve(public, process, log)
 
         # If TorchServe itself dies, the entrypoint exits with an error, leaving nothing.
         (java,) = [p for p in psutil.Process(process.pid).children() if p.name() == "java"]
