@@ -257,7 +257,7 @@ def launch(args: list[str], cwd: Path, tmp: Path, logs: Path, output: Path | Non
     launcher = shutil.which("torchserve", path=str(Path(sys.executable).parent))
     launcher = launcher or shutil.which("torchserve")
     if launcher is None:
-        raise ServerError("torchserve not found; run `make install`")
+        raise ServerError(f"torchserve not found beside {sys.executable} or on PATH")
     # TS_CONFIG_FILE would beat --ts-config. PYTHONPATH goes before the model's own folder
     # on the workers' path, where it could shadow the handler code packed in the .mar.
     env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
             print(f"stopped pid {', '.join(map(str, pids))}" if pids else "not running")
         else:
             show_logs(args.state, args.lines)
-    except (ServerError, subprocess.CalledProcessError) as error:
+    except ServerError as error:
         print(f"archive.server: {error}", file=sys.stderr)
         return 1
     return 0

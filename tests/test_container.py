@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 from ports import free_ports
-from sagemaker_job import opt_ml_for_training, request, wait_for_ping
+from sagemaker_job import opt_ml_for_training, wait_for_ping
+from sagemaker_job import request as http_request
 
 from archive.build import build
 from deploy import pipeline
@@ -160,7 +161,7 @@ def serve_and_stop(image: str, name: str, model: Path) -> dict:
     ready = time.monotonic() - started
     assert 503 in seen, seen  # unhealthy while the model was loading
 
-    status, answer = request(port, "POST", "/invocations", {"user_id": 5, "k": 4})
+    status, answer = http_request(port, "POST", "/invocations", {"user_id": 5, "k": 4})
     assert status == 200, answer
     assert len(answer["items"]) == 4
 

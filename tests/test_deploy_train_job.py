@@ -109,7 +109,8 @@ def test_training_job_request(aws, capsys, sent):
         [
             "train-job", "--dataset", "ml-1m", "--model", "neumf-pre", "--factors", "16",
             "--layers", "64,32,16,8", "--negatives", "4", "--batch-size", "256", "--lr", "0.001",
-            "--l2", "0.002", "--weight-decay", "0.2", "--epochs", "3", "--seed", "7", "--instance-type", "ml.g5.12xlarge",
+            "--l2", "0.002", "--weight-decay", "0.2", "--epochs", "3", "--seed", "7",
+            "--instance-type", "ml.g5.12xlarge",
             "--wait", "--poll", "0",
         ]
     )  # fmt: skip

@@ -94,6 +94,19 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert [h["epoch"] for h in metrics_of(out)["history"]] == [1, 2, 3]
 
 
+def test_weight_decay_reaches_the_training(tmp_path):
+    norms = {}
+    for decay in (0, 20):
+        out = tmp_path / f"decay-{decay}"
+        result = run(
+            "training.train", "--model", "gmf", "--epochs", 1, "--weight-decay", decay, "--out", out
+        )
+        assert result.returncode == 0, result.stderr
+        norms[decay] = load_artifact(out).model.predict.weight.norm().item()
+    # Decay pulls the prediction layer towards 0 against Adam's steps of ~lr each.
+    assert norms[20] < 0.5 * norms[0], norms
+
+
 def test_neumf_pre_trains_its_parts_then_reuses_them(tmp_path):
     out = tmp_path / "pre"
     result = run("training.train", "--model", "neumf-pre", "--epochs", 2, "--out", out)

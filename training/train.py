@@ -193,7 +193,13 @@ def fit(
         if state["name"] != name:
             raise ValueError(f"{checkpoint} is a checkpoint of {state['name']}, not {name}")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # another optimizer's layout, e.g. before --weight-decay
+            raise ValueError(
+                f"{checkpoint}: its optimizer state does not fit this run ({error}); "
+                "rerun without --resume"
+            ) from None
         generator.set_state(state["generator"].cpu())
         history, best, best_state, stale = (
             state["history"],
@@ -227,6 +233,8 @@ def fit(
             )
         for group in optimizer.param_groups:  # from the epoch number alone, so resuming keeps it
             group["lr"] = lr * args.lr_decay ** (epoch - 1)
+        if optimizer_name != "sgd":  # a resumed run decays as this run's options say
+            optimizer.param_groups[0]["weight_decay"] = args.weight_decay
         model.train()
         total_loss = torch.zeros((), device=device)
         steps = range(0, len(users), batch_size)
@@ -301,8 +309,8 @@ def fit(
 
 
 def make_optimizer(model: NCF, name: str, lr: float, weight_decay: float):
-    """Plain SGD (neumf-pre), or Adam with decoupled weight decay (AdamW) on the linear
-    layers' weights only: the embeddings have their own per-sample penalty (--l2), biases
+    """Plain SGD (neumf-pre), or Adam: AdamW, whose decoupled weight decay (group 0) is on
+    the linear layers' weights only (without decay it steps exactly as Adam): the embeddings have their own per-sample penalty (--l2), biases
     none. Without it GMF's prediction weights grow freely while the penalised embeddings
     shrink, which hollows out --l2."""
     if name == "sgd":
