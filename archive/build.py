@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from handler import ARTIFACT_DIR
 from model.artifact import (
     CATALOG_FILE,
@@ -57,6 +59,20 @@ def stage(artifact: Path, staging: Path) -> None:
     for name in ARTIFACT_FILES:
         if (artifact / name).is_file():  # item_titles.json is optional
             shutil.copy2(artifact / name, staging / ARTIFACT_DIR / name)
+
+
+def model_config_with(changes: dict, out: Path) -> Path:
+    """archive/model-config.yaml with `changes` applied (a nested dict changes its section
+    key by key), written to `out`: for a .mar that differs from the shipped one in a few
+    settings only."""
+    config = yaml.safe_load(MODEL_CONFIG.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            config[key] = {**config.get(key, {}), **value}
+        else:
+            config[key] = value
+    out.write_text(yaml.safe_dump(config))
+    return out
 
 
 def run_archiver(

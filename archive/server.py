@@ -127,6 +127,18 @@ def listen_addresses(props: Mapping[str, str]) -> dict[str, tuple[str, int]]:
     return found
 
 
+def loopback_config(inference, management, metrics, grpc_inference, grpc_management):
+    """config.properties settings putting each TorchServe listener on its loopback port
+    (gRPC too: TorchServe opens 7070/7071 unless told otherwise)."""
+    return {
+        "inference_address": f"http://127.0.0.1:{inference}",
+        "management_address": f"http://127.0.0.1:{management}",
+        "metrics_address": f"http://127.0.0.1:{metrics}",
+        "grpc_inference_port": str(grpc_inference),
+        "grpc_management_port": str(grpc_management),
+    }
+
+
 def check_ports_free(props: Mapping[str, str]):
     for key, (host, port) in listen_addresses(props).items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -35,7 +35,7 @@ from health_gate import GateServer, Readiness, Upstream, log
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # in the image a .pth has it; on a host, docker/ is sys.path[0]
     sys.path.append(str(REPO))
-from archive.server import CONFIG, ServerError, launch, render_config  # noqa: E402
+from archive.server import CONFIG, ServerError, launch, loopback_config, render_config  # noqa: E402
 
 MODEL = "ncf"
 LOG_CONFIG = REPO / "archive" / "log4j2.xml"
@@ -335,11 +335,7 @@ def write_config(run: Path, store: Path, ports: Ports, workers: int, timeout: in
     metrics) with this container's ports, model and limits. TorchServe listens on loopback
     only: the public port is the gate's."""
     overrides = {
-        "inference_address": f"http://127.0.0.1:{ports.inference}",
-        "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
-        "grpc_inference_port": ports.grpc_inference,
-        "grpc_management_port": ports.grpc_management,
+        **loopback_config(*ports),
         "model_store": store,
         "load_models": f"{MODEL}={MODEL}.mar",
         # For a .mar without model-config.yaml; ours carry workers and timeout in it.

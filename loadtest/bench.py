@@ -35,10 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from archive import server as ts
-from archive.build import MODEL_CONFIG, build
+from archive.build import build, model_config_with
 from loadtest.run import (
     RESULTS,
     Load,
@@ -82,12 +80,11 @@ def bench_server(artifact: Path, results: Path, torch_threads: int) -> Iterator[
         store = Path(work) / "store"
         # The handler sets its torch threads from handler.threads (an environment variable
         # such as OMP_NUM_THREADS would be overridden by it).
-        config = yaml.safe_load(MODEL_CONFIG.read_text())
-        config["handler"]["threads"] = torch_threads
-        model_config = Path(work) / "model-config.yaml"
-        model_config.write_text(yaml.safe_dump(config))
+        model_config = model_config_with(
+            {"handler": {"threads": torch_threads}}, Path(work) / "model-config.yaml"
+        )
         build(artifact, store, model_config)
-        build_null_mar(store)
+        build_null_mar(store, model_config)
         with private_server(store, Path(work) / "state") as server:
             yield Bench(server, artifact, results)
 
@@ -115,8 +112,8 @@ def measure(bench: Bench, model: str, load: Load, results: Path) -> dict:
     CPU time each part of the set-up spent per request."""
     warm_up(bench, model, load)
     workers = worker_pids(bench.server.management, model)
-    with CpuMeter(bench.server.pid, workers) as cpu:
-        summary = run_load(target(bench, model), load, bench.artifact, results)
+    cpu = CpuMeter(bench.server.pid, workers)
+    summary = run_load(target(bench, model), load, bench.artifact, results, meter=cpu)
     return {**summary, "cpu_ms_per_request": cpu.per_request_ms(summary["requests"])}
 
 
@@ -270,9 +267,8 @@ def _wait_for_new_workers(bench: Bench, old: set[int], timeout: float) -> float 
     while time.monotonic() - start < timeout:
         # READY on other pids than the killed ones: TorchServe may still report those for a while.
         try:
-            if ts.readiness_problem(management, "ncf") is None and not (
-                set(worker_pids(management, "ncf")) & old
-            ):
+            pids = set(worker_pids(management, "ncf"))
+            if pids and not pids & old and ts.readiness_problem(management, "ncf") is None:
                 return time.monotonic() - start
         except OSError:
             pass  # the frontend is busy replacing the worker: ask again

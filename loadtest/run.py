@@ -18,6 +18,7 @@ measure with it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -136,16 +137,22 @@ def _scrape(target: Target) -> dict | None:
 
 
 def run_load(
-    target: Target, load: Load, artifact: Path, results: Path, meta: dict | None = None
+    target: Target,
+    load: Load,
+    artifact: Path,
+    results: Path,
+    meta: dict | None = None,
+    meter: contextlib.AbstractContextManager | None = None,
 ) -> dict:
-    """Check readiness, run Locust, write the report into `results`; return summary.json."""
+    """Check readiness, run Locust, write the report into `results`; return summary.json.
+    `meter` (a CpuMeter) is entered around the Locust run alone, not the checks or report."""
     check_ready(target)
     results.mkdir(parents=True, exist_ok=True)
     model = None if target.endpoint else describe(target.management, target.model)
     command = locust_command(target, load, artifact, results)
     before = _scrape(target)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(results / "locust.log", "w") as log:
+    with open(results / "locust.log", "w") as log, meter or contextlib.nullcontext():
         # Locust exits 1 when any request failed: that is a result, not an error here.
         done = subprocess.run(
             command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

@@ -1,5 +1,5 @@
-"""What the load tests need from a TorchServe: readiness, its Prometheus counters, the worker
-processes, model (re-)registration, and a private server of their own for the benchmarks.
+"""What the load tests need from a TorchServe: its worker processes and their CPU time, its
+Prometheus counters, model (re-)registration, and a private server of their own for the benchmarks.
 
 Starting and stopping go through archive/server.py (what `make serve` uses), so a benchmark
 server is found and stopped exactly like any other of this project's servers.
@@ -36,7 +36,7 @@ class NotReady(RuntimeError):
     """The server cannot take the load: the message says why and what to do."""
 
 
-# ---------------------------------------------------------------------- models
+# ---------------------------------------------------------------------- processes
 
 
 def describe(management: str, model: str) -> dict:
@@ -98,9 +98,10 @@ class CpuMeter:
 
     @staticmethod
     def _machine_busy_seconds() -> float:
-        # guest time is already inside user/nice on Linux; /proc/stat is the whole host's
+        # guest time is already inside user/nice on Linux; steal is other VMs' time, not
+        # this machine's work; /proc/stat is the whole host's
         times = psutil.cpu_times()._asdict()
-        idle = ("idle", "iowait", "guest", "guest_nice")
+        idle = ("idle", "iowait", "steal", "guest", "guest_nice")
         return sum(v for name, v in times.items() if name not in idle)
 
     def _read(self) -> dict[str, dict]:
@@ -223,14 +224,7 @@ def loopback_ports() -> dict[str, str]:
 
     gRPC included: TorchServe opens its gRPC APIs on 7070/7071 unless told otherwise, and a
     second TorchServe on the machine would then fail to start."""
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    return {
-        "inference_address": f"http://127.0.0.1:{inference}",
-        "management_address": f"http://127.0.0.1:{management}",
-        "metrics_address": f"http://127.0.0.1:{metrics}",
-        "grpc_inference_port": str(grpc_inference),
-        "grpc_management_port": str(grpc_management),
-    }
+    return ts.loopback_config(*free_ports(5))
 
 
 @contextmanager

@@ -187,7 +187,7 @@ class Recommender:
             if q.candidates is not None and q.candidates not in candidate_index:
                 index = self._items.lookup(q.candidates)
                 if (index < 0).any():
-                    raise UnknownItemsError(np.asarray(q.candidates)[index < 0].tolist())
+                    raise UnknownItemsError(self.unknown_items(q.candidates))
                 candidate_index[q.candidates] = index
         users = self._users.lookup([q.user_id for q in queries])
         known = [n for n, u in enumerate(users) if u >= 0]

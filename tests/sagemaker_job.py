@@ -1,9 +1,8 @@
 """What a SageMaker container is given and asked, for the entrypoint and container tests:
-a small data set, the /opt/ml layout of a training job, JSON over HTTP and the /ping wait."""
+a small data set, the /opt/ml layout of a training job, requests and the /ping wait."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from collections.abc import Callable
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from archive.server import http
 
 
 def write_u_data(folder: Path, users=300, items=150, per_user=20, seed=0) -> None:
@@ -36,21 +37,9 @@ def opt_ml_for_training(root: Path, hp: dict, hosts=("algo-1",)) -> Path:
 
 
 def request(port: int, method: str, path: str, body=None, timeout: float = 10):
-    """(status, decoded JSON or None) of one HTTP request to 127.0.0.1:port; OSError when
+    """(status, decoded JSON or text) of one request to 127.0.0.1:port; OSError when
     nothing listens."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body)
-        headers = {} if body is None else {"Content-Type": "application/json"}
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        text = response.read()
-    finally:
-        connection.close()
-    try:
-        return response.status, json.loads(text)
-    except ValueError:
-        return response.status, None
+    return http(method, f"http://127.0.0.1:{port}{path}", body, timeout=timeout)
 
 
 def ping(port: int) -> int | None:

@@ -11,6 +11,8 @@ from moto import mock_aws
 from deploy import train_job
 from deploy.cli import main
 from deploy.common import TAGS, Aws
+from training.cli import parse_int_list
+from training.train import build_parser
 
 REGION = "us-west-2"
 BUCKET = "ncf-train-bucket"
@@ -183,3 +185,11 @@ def test_training_defaults_leave_the_cli_defaults_alone(aws, capsys):
     assert job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == (
         "s3://elsewhere/ml-1m/"
     )
+
+
+def test_forwarded_options_are_training_options_of_their_type():
+    actions = {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings}
+    for option, kind in train_job.HYPERPARAMETER_OPTIONS.items():
+        trained_as = actions[f"--{option}"].type
+        # --layers arrives as the text the training CLI parses itself
+        assert trained_as is kind or (kind is str and trained_as is parse_int_list), option

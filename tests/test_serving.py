@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from archive.build import MODEL_CONFIG, build
+from archive.build import MODEL_CONFIG, build, model_config_with
 from archive.server import our_processes
 from loadtest.torchserve import loopback_ports, scrape
 from model.recommender import Recommender
@@ -60,10 +60,8 @@ def served(tmp_path_factory):
     (artifact / "notes.txt").write_text("not part of the artifact")  # must not be packed
     # The project's model config with a wider batching window, so that the concurrent
     # requests of test_concurrent_requests_share_a_batch reliably meet in one batch.
-    config = yaml.safe_load(MODEL_CONFIG.read_text())
-    config["maxBatchDelay"] = BATCH_WINDOW_MS
-    (root / "model-config.yaml").write_text(yaml.safe_dump(config))
-    mar = build(artifact, root / "store", root / "model-config.yaml")
+    config = model_config_with({"maxBatchDelay": BATCH_WINDOW_MS}, root / "model-config.yaml")
+    mar = build(artifact, root / "store", config)
 
     state = root / "state"
     settings = loopback_ports()  # through `--set`, as a user would
@@ -315,3 +313,11 @@ def test_stop_leaves_nothing_behind(served):
     assert our_processes(served.state) == []
     with pytest.raises(OSError):
         get(served.inference + "/ping")
+
+
+def test_model_config_with_changes_only_what_it_is_given(tmp_path):
+    shipped = yaml.safe_load(MODEL_CONFIG.read_text())
+    changes = {"handler": {"threads": 3}, "maxBatchDelay": 9}
+    changed = yaml.safe_load(model_config_with(changes, tmp_path / "c.yaml").read_text())
+    assert changed["handler"] == {**shipped["handler"], "threads": 3}  # the rest of it kept
+    assert changed == {**shipped, "handler": changed["handler"], "maxBatchDelay": 9}

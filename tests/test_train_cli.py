@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sagemaker_job import write_u_data
 
 from model.artifact import load_artifact
 from model.ncf import neumf_from_pretrained
@@ -94,6 +95,25 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert [h["epoch"] for h in metrics_of(out)["history"]] == [1, 2, 3]
 
 
+def test_resume_takes_this_runs_weight_decay_and_refuses_another_optimizer(tmp_path):
+    out, checkpoint = tmp_path / "a", tmp_path / "a.ckpt"
+    first = run("training.train", "--model", "gmf", "--epochs", 1, "--out", out)
+    assert first.returncode == 0, first.stderr
+    again = run(
+        "training.train", "--model", "gmf", "--epochs", 2, "--weight-decay", 0.5,
+        "--out", out, "--resume",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    groups = torch.load(checkpoint, weights_only=True)["optimizer"]["param_groups"]
+    assert [group["weight_decay"] for group in groups] == [0.5, 0.0]  # linear weights, rest
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["optimizer"] = torch.optim.Adam(load_artifact(out).model.parameters()).state_dict()
+    torch.save(state, checkpoint)  # one parameter group, as before --weight-decay
+    stale = run("training.train", "--model", "gmf", "--epochs", 3, "--out", out, "--resume")
+    assert_one_line_error(stale, "optimizer state does not fit", "rerun without --resume")
+
+
 def test_weight_decay_reaches_the_training(tmp_path):
     norms = {}
     for decay in (0, 20):
@@ -165,22 +185,13 @@ def test_a_diverged_first_epoch_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "metadata.json").exists()
 
 
-def write_u_data(folder: Path, users=60, items=300, per_user=25):
-    folder.mkdir(parents=True)
-    lines = []
-    for u in range(1, users + 1):
-        for j in range(per_user):
-            lines.append(f"{u}\t{(u * 7 + j * 13) % items + 1}\t4\t{1000 + j}")
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
-
-
 def test_sagemaker_training_contract(tmp_path):
     channel, model_dir, output = (
         tmp_path / "input/data/train",
         tmp_path / "model",
         tmp_path / "output",
     )
-    write_u_data(channel)
+    write_u_data(channel, users=60, items=300, per_user=25)
     env = {
         "SM_CHANNEL_TRAIN": str(channel),
         "SM_MODEL_DIR": str(model_dir),

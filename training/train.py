@@ -193,6 +193,7 @@ def fit(
         if state["name"] != name:
             raise ValueError(f"{checkpoint} is a checkpoint of {state['name']}, not {name}")
         model.load_state_dict(state["model"])
+        decays = [group["weight_decay"] for group in optimizer.param_groups]
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as error:  # another optimizer's layout, e.g. before --weight-decay
@@ -200,6 +201,8 @@ def fit(
                 f"{checkpoint}: its optimizer state does not fit this run ({error}); "
                 "rerun without --resume"
             ) from None
+        for group, decay in zip(optimizer.param_groups, decays, strict=True):
+            group["weight_decay"] = decay  # this run's option, not the checkpoint's
         generator.set_state(state["generator"].cpu())
         history, best, best_state, stale = (
             state["history"],
@@ -233,8 +236,6 @@ def fit(
             )
         for group in optimizer.param_groups:  # from the epoch number alone, so resuming keeps it
             group["lr"] = lr * args.lr_decay ** (epoch - 1)
-        if optimizer_name != "sgd":  # a resumed run decays as this run's options say
-            optimizer.param_groups[0]["weight_decay"] = args.weight_decay
         model.train()
         total_loss = torch.zeros((), device=device)
         steps = range(0, len(users), batch_size)
@@ -309,10 +310,10 @@ def fit(
 
 
 def make_optimizer(model: NCF, name: str, lr: float, weight_decay: float):
-    """Plain SGD (neumf-pre), or Adam: AdamW, whose decoupled weight decay (group 0) is on
-    the linear layers' weights only (without decay it steps exactly as Adam): the embeddings have their own per-sample penalty (--l2), biases
-    none. Without it GMF's prediction weights grow freely while the penalised embeddings
-    shrink, which hollows out --l2."""
+    """Plain SGD (neumf-pre), or Adam as AdamW: decoupled weight decay on the linear
+    layers' weights only (with 0 it steps exactly as Adam). The embeddings have their own
+    per-sample penalty (--l2) and biases none. Without decay GMF's prediction weights grow
+    freely while the penalised embeddings shrink, which hollows out --l2."""
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr)
     decayed = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
